@@ -393,6 +393,7 @@ class InternVLConfig:
             use_thumbnail=extra.get("use_thumbnail", True),
             min_dynamic_patch=extra.get("min_dynamic_patch", 1),
             max_dynamic_patch=extra.get("max_dynamic_patch", 12),
+            system_message=extra.get("system_message") if isinstance(extra.get("system_message"), str) else None,
             image_token_id=d.get("image_token_id"),
         )
 
@@ -447,6 +448,7 @@ class InternVLConfig:
                 "use_thumbnail": self.use_thumbnail,
                 "min_dynamic_patch": self.min_dynamic_patch,
                 "max_dynamic_patch": self.max_dynamic_patch,
+                "system_message": self.system_message,
             },
         }
 
