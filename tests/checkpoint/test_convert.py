@@ -238,6 +238,9 @@ def test_custom_system_message_survives_original_native_original(tmp_path):
 
     cfg = tiny_config().replace(system_message="Answer briefly.")
     save_pretrained(InternVLModel(cfg), tmp_path / "orig")
+    from helpers_tokenizers import make_bpe_tokenizer_dir
+
+    make_bpe_tokenizer_dir(tmp_path / "orig")  # the original layout takes <IMG_CONTEXT>'s id from the tokenizer
     convert_checkpoint(tmp_path / "orig", tmp_path / "native", to="native")
     convert_checkpoint(tmp_path / "native", tmp_path / "back", to="original")
     assert InternVLConfig.from_pretrained(tmp_path / "back").system_message == "Answer briefly."
