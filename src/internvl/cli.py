@@ -16,8 +16,8 @@ class PrintStreamer:
     and everything from the template's end-of-turn text on.
     """
 
-    def __init__(self, tokenizer, stop_text: str, out=sys.stdout):
-        self.tokenizer, self.stop_text, self.out = tokenizer, stop_text, out
+    def __init__(self, tokenizer, stop_text: str, out=None):
+        self.tokenizer, self.stop_text, self.out = tokenizer, stop_text, out or sys.stdout
         self.ids: list[int] = []
         self.printed = 0
         self.started = False
@@ -104,7 +104,7 @@ def chat(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: float32 on CPU)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
     p.add_argument("--no-exif", action="store_true", help="ignore EXIF orientation (exact reference behaviour)")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # flags may stand between MODEL and PROMPT words
     model_arg, prompt = _split_model_and_prompt(args.words)
     model_arg = args.model or model_arg
     if args.max_tiles is not None and args.max_tiles < 1:
