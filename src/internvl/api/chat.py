@@ -3,19 +3,126 @@
 Differences from the reference, each deliberate: too few `<image>` placeholders raise a ValueError that names both
 counts (the reference fails deep inside `generate`); `batch_chat` accepts `history` (one history per question); the
 decoded answer keeps `<ref>`/`<box>` tags whichever tokenizer class is used (§8.6).
+
+Generation goes through the paged engine by default (`engine=True`): `generate` below is `engine_generate`, a
+drop-in with the reference signature and output whose greedy tokens equal the reference's (tests/engine), served by
+one engine kept on the model (`engine_for`). `engine=False` calls the plain reference loop (`reference_generate`),
+which `InternVLChatModel.generate` always uses. With the engine, `batch_chat` runs each question as its own request
+(no padding), and later turns of a conversation reuse the KV of the earlier ones through the prefix cache.
 """
 
 from __future__ import annotations
 
 import torch
 
-from internvl.generation.generate import generate
+from internvl.engine.engine import DEFAULT_KV_BUDGET_BYTES, Engine
+from internvl.engine.kv_cache import block_bytes
+from internvl.engine.sampler import SamplingParams
+from internvl.generation.generate import generate as reference_generate
 from internvl.generation.sampling import GenerationConfig
 from internvl.templates.conversation import build_batch_prompts, build_chat_prompt, get_template
 from internvl.templates.tokens import IMG_CONTEXT_TOKEN
 from internvl.tokenizer import decode_keep_grounding, eos_id_for_template, image_context_id
 
 
+# ---------------------------------------------------------------------------------------------- engine seam
+def engine_for(model, min_blocks: int = 0, want_blocks: int = 0, block_size: int = 16) -> Engine:
+    """The engine `chat()` uses for `model`: created on first use, kept on the model (so the prefix cache serves
+    later turns of a conversation), and rebuilt larger when a call needs it.
+
+    min_blocks: what the largest single request needs (it must fit alone). want_blocks: what the whole call would
+    like (all requests at once); honoured up to DEFAULT_KV_BUDGET_BYTES, beyond which requests simply wait.
+    """
+    weight = model.language_model.lm_head.weight
+    cfg = model.language_model.config
+    cap = max(1, DEFAULT_KV_BUDGET_BYTES // block_bytes(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, block_size,
+                                                       weight.dtype))
+    want = max(min_blocks, min(want_blocks, cap))
+    eng = getattr(model, "_internvl_engine", None)
+    same = eng is not None and eng.model is model and eng.pool.block_size == block_size
+    if not (same and eng.pool.dtype == weight.dtype and eng.pool.device == weight.device
+            and eng.pool.num_blocks >= want):
+        old = eng.pool.num_blocks if same else 0
+        eng = Engine(model, num_blocks=max(want, min(2 * old, cap), min(64, cap)), block_size=block_size)
+        model._internvl_engine = eng
+    return eng
+
+
+def engine_generate(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    pixel_values: torch.Tensor | None = None,
+    visual_features: torch.Tensor | None = None,
+    config=None,
+    streamer=None,
+) -> torch.Tensor:
+    """The reference `generate` signature and output (new tokens, (B, n), finished rows padded), served by the
+    engine: rows are un-padded and run as independent requests. `chat()`/`batch_chat()` call this by default.
+
+    Greedy rows equal the reference's. With a seed, every row gets its own generator seeded with it, so each row
+    equals the reference run of that row alone (the reference batch shares one generator between its rows).
+    """
+    cfg = config or GenerationConfig()
+    b = input_ids.shape[0]
+    if streamer is not None and b != 1:
+        raise ValueError(f"streaming supports one sequence at a time, got a batch of {b}")
+    mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+    rows = [input_ids[i][mask[i].bool()].tolist() for i in range(b)]
+    pad = cfg.pad_token_id if cfg.pad_token_id is not None else (cfg.eos_token_id[0] if cfg.eos_token_id else 0)
+    if cfg.max_new_tokens == 0:
+        if streamer is not None:
+            streamer.put(torch.empty(1, 0, dtype=torch.long))
+            streamer.end()
+        return torch.empty(b, 0, dtype=torch.long)
+    params = SamplingParams.from_generation_config(cfg)
+
+    src = pixel_values if pixel_values is not None else visual_features
+    per_row: list[dict] = [{} for _ in range(b)]
+    if src is not None:
+        img_id = model.img_context_token_id
+        n_tok = model.config.num_image_token if visual_features is None else int(visual_features.shape[1])
+        counts = [sum(1 for t in r if t == img_id) for r in rows]
+        if any(c % n_tok for c in counts) or sum(counts) != src.shape[0] * n_tok:
+            raise ValueError(
+                f"prompt has {sum(counts)} <IMG_CONTEXT> slots but the images produced {src.shape[0] * n_tok} "
+                f"feature rows ({src.shape[0]} tiles x {n_tok}); the number of <image> placeholders or "
+                "num_patches_list does not match pixel_values"
+            )
+        start = 0
+        for i, c in enumerate(counts):
+            if c:
+                key = "pixel_values" if visual_features is None else "visual_features"
+                per_row[i] = {key: src[start : start + c // n_tok]}
+                start += c // n_tok
+    blocks = [-(-(len(r) + params.max_new_tokens) // 16) for r in rows]
+    eng = engine_for(model, min_blocks=max(blocks), want_blocks=sum(blocks), block_size=16)
+    requests = [dict(prompt_ids=r, params=params, **extra) for r, extra in zip(rows, per_row)]
+    if streamer is None:
+        outs = [o.outputs[0].token_ids for o in eng.generate(requests)]
+    else:
+        streamer.put(torch.empty(1, 0, dtype=torch.long))  # the reference streams the (empty) prompt first
+        tokens: list[int] = []
+        try:
+            with eng.stream(requests[0].pop("prompt_ids"), requests[0].pop("params"), **requests[0]) as s:
+                for delta in s:
+                    tokens.extend(delta.token_ids)
+                    if delta.token_ids:
+                        streamer.put(torch.tensor(delta.token_ids))
+        finally:
+            streamer.end()
+        outs = [tokens]
+    width = max(len(o) for o in outs)
+    result = torch.full((b, width), pad, dtype=torch.long)
+    for i, o in enumerate(outs):
+        result[i, : len(o)] = torch.tensor(o, dtype=torch.long)
+    return result.to(input_ids.device)
+
+
+generate = engine_generate  # what chat()/batch_chat() call by default (tests replace it with a fake)
+
+
+# ---------------------------------------------------------------------------------------------- chat API
 def _prepare(model, tokenizer, generation_config):
     template = get_template(model.config.template)
     model.img_context_token_id = image_context_id(tokenizer)
@@ -68,8 +175,10 @@ def chat(
     return_history: bool = False,
     num_patches_list: list[int] | None = None,
     verbose: bool = False,
+    engine: bool = True,
 ):
-    """One turn. pixel_values (T, 3, S, S) are all images' tiles in prompt order; see the module docstring."""
+    """One turn. pixel_values (T, 3, S, S) are all images' tiles in prompt order; see the module docstring.
+    engine=False uses the plain reference generate instead of the paged engine."""
     patches = _check_patches(pixel_values, num_patches_list)
     template, cfg, streamer = _prepare(model, tokenizer, generation_config)
     prompt, stored_question = build_chat_prompt(
@@ -84,8 +193,9 @@ def chat(
     if verbose and pixel_values is not None:
         print(f"dynamic ViT batch size: {pixel_values.shape[0]}")
     enc = tokenizer(prompt, return_tensors="pt")
-    out = generate(model, enc["input_ids"], enc.get("attention_mask"), pixel_values=pixel_values, config=cfg,
-                   streamer=streamer)
+    run = generate if engine else reference_generate
+    out = run(model, enc["input_ids"], enc.get("attention_mask"), pixel_values=pixel_values, config=cfg,
+              streamer=streamer)
     response = _finish(tokenizer, template, out[0].tolist(), cfg.eos_token_id[0])
     new_history = list(history or []) + [(stored_question, response)]
     if verbose:
@@ -104,33 +214,67 @@ def batch_chat(
     return_history: bool = False,
     verbose: bool = False,
     image_counts: list[int] | None = None,
+    engine: bool = True,
 ):
-    """Several independent questions, one image each (`num_patches_list[i]` tiles), answered as one batch."""
+    """Several independent questions, one image each (`num_patches_list[i]` tiles), answered as one batch.
+
+    history: None, or one history per question (a list of (question, answer) pairs, or None for a first turn);
+    each question is then rendered as `chat()` renders a turn with that history (§8.1). return_history=True
+    returns (responses, histories). engine=False uses the plain reference generate (one left-padded batch).
+    """
     if image_counts is not None:  # deprecated alias in the reference
         num_patches_list = image_counts
-    if history is not None or return_history:
-        raise ValueError("batch_chat does not take history (as the reference); call chat() per conversation")
     if pixel_values is not None and num_patches_list is None:
         raise ValueError("batch_chat with pixel_values needs num_patches_list: the tile count of each question's image")
+    if history is not None and (isinstance(history, (str, tuple)) or len(history) != len(questions)):
+        raise ValueError(
+            f"batch_chat history must be a list with one history (or None) per question; got "
+            f"{type(history).__name__} for {len(questions)} questions"
+        )
     patches = _check_patches(pixel_values, num_patches_list) if pixel_values is not None else None
     template, cfg, _ = _prepare(model, tokenizer, generation_config)
-    prompts = build_batch_prompts(
-        model.config.template,
-        questions,
-        num_patches_list=patches,
-        system_message=model.system_message,
-        num_image_token=model.config.num_image_token,
-        has_pixels=pixel_values is not None,
-    )
+    stored = list(questions)
+    if history is None:
+        prompts = build_batch_prompts(
+            model.config.template,
+            questions,
+            num_patches_list=patches,
+            system_message=model.system_message,
+            num_image_token=model.config.num_image_token,
+            has_pixels=pixel_values is not None,
+        )
+    else:
+        if patches is not None and len(patches) != len(questions):
+            raise ValueError(
+                f"num_patches_list has {len(patches)} entries but there are {len(questions)} questions; "
+                "give one tile count per question"
+            )
+        prompts = []
+        for i, question in enumerate(questions):
+            prompt, stored[i] = build_chat_prompt(
+                model.config.template,
+                question,
+                history=history[i],
+                system_message=model.system_message,
+                num_patches_list=[patches[i]] if patches is not None else None,
+                num_image_token=model.config.num_image_token,
+                has_pixels=pixel_values is not None,
+            )
+            prompts.append(prompt)
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     try:
         enc = tokenizer(prompts, return_tensors="pt", padding=True)
     finally:
         tokenizer.padding_side = side  # unlike the reference, leave the caller's tokenizer as it was
-    out = generate(model, enc["input_ids"], enc["attention_mask"], pixel_values=pixel_values, config=cfg)
+    run = generate if engine else reference_generate
+    out = run(model, enc["input_ids"], enc["attention_mask"], pixel_values=pixel_values, config=cfg)
     responses = [_finish(tokenizer, template, row.tolist(), cfg.eos_token_id[0]) for row in out]
     if verbose:
         for q, r in zip(questions, responses):
             print(q, r)
+    if return_history:
+        histories = [list((history or [None] * len(questions))[i] or []) + [(stored[i], responses[i])]
+                     for i in range(len(questions))]
+        return responses, histories
     return responses

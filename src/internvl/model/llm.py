@@ -159,12 +159,15 @@ class CausalLM(nn.Module):
         attention_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
         mask: torch.Tensor | None = None,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """inputs_embeds (B, L, D) -> final hidden states (B, L, D) (apply `lm_head` for logits).
 
         attention_mask (B, T): 1 for real tokens over cache + new positions (None: no padding).
         position_ids (B, L): default cumsum(mask) - 1 with padding set to 1, as transformers does (§8.3).
         mask: a ready additive (B, 1, L, T) mask (packed training passes block-diagonal masks here).
+        rope: precomputed float (cos, sin), each (B, L, d); the engine passes per-sequence RoPE here, because the
+            scaled families pick their frequencies from a length that differs between batch rows (§11.6).
         """
         b, n, _ = inputs_embeds.shape
         past = cache.length if cache is not None else 0
@@ -176,8 +179,10 @@ class CausalLM(nn.Module):
                 position_ids = torch.arange(past, past + n, device=inputs_embeds.device).expand(b, n)
         if mask is None and attention_mask is not None and not bool(attention_mask.all()):
             mask = padded_causal_mask(attention_mask, n, inputs_embeds.dtype)
-        kv_len = int(attention_mask.shape[1]) if attention_mask is not None else past + n
-        cos, sin = self.model.rotary(position_ids, kv_len=kv_len)
+        if rope is None:
+            kv_len = int(attention_mask.shape[1]) if attention_mask is not None else past + n
+            rope = self.model.rotary(position_ids, kv_len=kv_len)
+        cos, sin = rope
         cos, sin = cos.to(inputs_embeds.dtype), sin.to(inputs_embeds.dtype)
         h = inputs_embeds
         for layer in self.model.layers:
