@@ -92,7 +92,10 @@ class RotaryEmbedding(nn.Module):
                     self.inv_freq = base_inv_freq(base, self.dim).to(self.inv_freq.device)
                     self.cached_len = length
                 return self.inv_freq
-            # transformers-style dynamic NTK (Llama, InternLM3): recomputed per call, back to base when short
+            # transformers-style dynamic NTK (Llama, InternLM3): a pure function of this call's length. transformers
+            # keeps the grown base across calls until a call falls below the maximum; we do not, so one sequence's
+            # rope never depends on what ran before it (batched engine). Equal for one forward and for a decode
+            # whose length only grows; no released InternVL uses dynamic scaling on a Llama backbone.
             if length > self.max_len:
                 base = ntk_base(self.base, self.dim, self.factor, length, self.max_len)
                 return base_inv_freq(base, self.dim).to(self.inv_freq.device)
