@@ -9,6 +9,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from internvl.tokenizer import TOKENIZER_FILES
+
 # What a checkpoint directory needs for loading, chatting and converting (no *.py: we never run remote code).
 DEFAULT_ALLOW_PATTERNS = (
     "config.json",
@@ -17,13 +19,7 @@ DEFAULT_ALLOW_PATTERNS = (
     "model.safetensors.index.json",
     "pytorch_model*.bin",
     "pytorch_model.bin.index.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "tokenizer.model",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "merges.txt",
+    *TOKENIZER_FILES,
     "chat_template.json",
     "preprocessor_config.json",
 )
