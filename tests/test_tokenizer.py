@@ -324,5 +324,21 @@ def test_unsupported_sentencepiece_class(tmp_path, dirs):
     directory.mkdir()
     (directory / "tokenizer.model").write_bytes((dirs["internlm2"] / "tokenizer.model").read_bytes())
     (directory / "tokenizer_config.json").write_text('{"tokenizer_class": "T5Tokenizer"}', encoding="utf-8")
-    with pytest.raises(ValueError, match="'T5Tokenizer'.*InternLM2Tokenizer, LlamaTokenizer"):
+    with pytest.raises(ValueError, match="'T5Tokenizer'.*InternLM2Tokenizer, InternLM3Tokenizer, LlamaTokenizer"):
         load_tokenizer(directory)
+
+
+def test_internlm3_tokenizer_class_encodes_per_chunk_like_internlm2(tmp_path):
+    """InternVL3-9B ships `InternLM3Tokenizer`: split on added tokens, SentencePiece per chunk (as InternLM2)."""
+    import json
+
+    from helpers_tokenizers import make_sentencepiece_tokenizer_dir
+
+    d2 = make_sentencepiece_tokenizer_dir(tmp_path / "lm2", family="internlm2")
+    d3 = make_sentencepiece_tokenizer_dir(tmp_path / "lm3", family="internlm2")
+    cfg = json.loads((d3 / "tokenizer_config.json").read_text())
+    cfg["tokenizer_class"] = "InternLM3Tokenizer"
+    cfg["auto_map"] = {"AutoTokenizer": ["tokenization_internlm3.InternLM3Tokenizer", None]}
+    (d3 / "tokenizer_config.json").write_text(json.dumps(cfg))
+    text = "<|im_start|>user\n<img><IMG_CONTEXT></img>\nhello world<|im_end|>\n<|im_start|>assistant\n"
+    assert load_tokenizer(d3)(text)["input_ids"] == load_tokenizer(d2)(text)["input_ids"]

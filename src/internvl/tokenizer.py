@@ -54,7 +54,11 @@ TOKENIZER_FILES = (
 
 # Slow SentencePiece classes we can reproduce, mapped to "split on added tokens, SentencePiece per chunk" (legacy).
 # For LlamaTokenizer the config's "legacy" flag decides (absent means legacy, the transformers 4.37 default).
-_SENTENCEPIECE_CLASSES = ("InternLM2Tokenizer", "LlamaTokenizer")
+_SENTENCEPIECE_CLASSES = ("InternLM2Tokenizer", "InternLM3Tokenizer", "LlamaTokenizer")
+# Classes whose slow `tokenize` splits on added tokens and SentencePiece-encodes each chunk as is. InternLM3's
+# (InternVL3-9B) subclasses LlamaTokenizer but calls PreTrainedTokenizer.tokenize and sp_model.encode per chunk,
+# the same encoding as InternLM2's [read from its shipped tokenization file; not checked against real ids here].
+_PER_CHUNK_CLASSES = ("InternLM2Tokenizer", "InternLM3Tokenizer")
 
 # Template control tokens (§6.2) that decoding removes even when a tokenizer does not flag them as special.
 TEMPLATE_CONTROL_TOKENS = (
@@ -100,7 +104,7 @@ def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerFast:
                 f"{class_name or None!r}; supported SentencePiece classes: {', '.join(_SENTENCEPIECE_CLASSES)} "
                 "(or provide a tokenizer.json)"
             )
-        legacy = class_name == "InternLM2Tokenizer" or config.get("legacy") is None or bool(config["legacy"])
+        legacy = class_name in _PER_CHUNK_CLASSES or config.get("legacy") is None or bool(config["legacy"])
         return _load_sentencepiece(directory, config, class_name, legacy=legacy)
     if has_json:
         # The class-level from_pretrained reads tokenizer.json + tokenizer_config.json; unlike AutoTokenizer it never
