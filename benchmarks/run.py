@@ -131,6 +131,20 @@ class Clock:
         pass
 
 
+class HookClock:
+    """Timestamps of every forward of `module` (the lm_head runs once per generated token, on both sides)."""
+
+    def __init__(self, module):
+        self.module, self.t = module, []
+
+    def __enter__(self):
+        self.handle = self.module.register_forward_hook(lambda *a: self.t.append(time.perf_counter()))
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
 def decode_rate(clock: Clock) -> float:
     tok = clock.t[1:]  # the first put is the prompt (theirs) or an empty tensor (ours)
     return (len(tok) - 1) / (tok[-1] - tok[0])
@@ -174,6 +188,24 @@ def theirs_decode(hf, ids, n):
         hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
                     do_sample=False, streamer=c, pad_token_id=0)
         return 1 / decode_rate(c)
+    return run
+
+
+def ours_batch_decode(model, ids, n):
+    """Seconds per decode step of our reference generate on a batch: lm_head timestamps, prefill excluded."""
+    def run():
+        with HookClock(model.language_model.lm_head) as c:
+            generate(model, ids, config=GenerationConfig(max_new_tokens=n))
+        return (c.t[-1] - c.t[0]) / (len(c.t) - 1)
+    return run
+
+
+def theirs_batch_decode(hf, ids, n):
+    def run():
+        with HookClock(hf.lm_head) as c:
+            hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                        do_sample=False, pad_token_id=0)
+        return (c.t[-1] - c.t[0]) / (len(c.t) - 1)
     return run
 
 
@@ -368,11 +400,19 @@ def report(r: dict) -> str:
     m, roof = r["machine"], r["roofline"]
     lines = [
         f"Run: `{r['command']}` on {r['machine']['date']}; load average at start {r['load_start']}, "
-        f"at end {r['load_end']} (the machine was shared; both sides were interleaved, medians of {r['reps']}).",
+        f"at end {r.get('load_end', '?')} (the machine was shared; both sides were interleaved, medians of "
+        f"{r['reps']}).",
         "",
         f"Machine: {m['cpu']}, {m['cores']} cores ({', '.join(m['isa'])}), torch {m['torch']}, "
         f"transformers {r['transformers']}, {m['threads']} threads for both sides.",
         "",
+    ]
+    for u in r.get("updates", []):
+        lines += [f"Re-measured {', '.join(u['parts'])} with `{u['command']}` on {u['date']}; load average "
+                  f"{u['load_start']} -> {u.get('load_end', '?')}.", ""]
+    if r.get("accuracy_from"):
+        lines += [f"Accuracy rows: from {r['accuracy_from']} (they involve no timing).", ""]
+    lines += [
         "Rooflines (best of the measurements at the start and the end of this run): "
         f"fp32 GEMM {roof['gemm_fp32_gflops']:.0f} GFLOP/s, bf16 GEMM {roof['gemm_bf16_gflops']:.0f} GFLOP/s, "
         f"streaming read {roof['read_gbs']:.1f} GB/s, copy {roof['copy_gbs']:.1f} GB/s, "
@@ -385,7 +425,7 @@ def report(r: dict) -> str:
         lines.append(
             f"| {row['metric']} | {fmt(row['ours'])} | {fmt(row.get('theirs'))} | {fmt(row.get('ratio'), 'x')} | "
             f"{fmt(row.get('ours_roof') and 100 * row['ours_roof'], '%', 0)} | "
-            f"{fmt(row.get('theirs_roof') and 100 * row['theirs_roof'], '%', 0)} | {row.get('target', '')} | "
+            f"{fmt(row.get('theirs_roof') and 100 * row['theirs_roof'], '%', 0)} | {row.get('target') or ''} | "
             f"{'' if row.get('met') is None else ('yes' if row['met'] else 'no')} |")
     lines += ["", "Roofline column: compute-bound rows (ViT, prefill) as achieved GFLOP/s over the measured GEMM peak "
               "of the dtype they compute in; decode rows as bytes read per step (weights + KV cache) times steps/s "
@@ -482,9 +522,14 @@ def build_table(r: dict, cfg) -> list[dict]:
                      None if a8 is None else (rate["int8"] / rate["theirs"] >= 4 and a8["greedy_agree"] >= 0.95)))
     table.append(row("decode batch 1 int4 g128 (ours) vs fp32 (theirs), tokens/s", rate["int4"], rate["theirs"],
                      frac["int4"], None))
-    b, n, bb = S["batch"], S["batch_new"], res["decode_b16_generate_s"]
-    agg_o = b * (n - 1) / (median(bb["ours_n"]) - median(bb["ours_1"]))
-    agg_t = b * (n - 1) / (median(bb["theirs_n"]) - median(bb["theirs_1"]))
+    b, n = S["batch"], S["batch_new"]
+    if "decode_b16_s_per_step" in res:  # lm_head timestamps: decode steps only
+        bb = res["decode_b16_s_per_step"]
+        agg_o, agg_t = b / median(bb["ours"]), b / median(bb["theirs"])
+    else:  # older runs: (generate n tokens) - (generate 1 token), medians
+        bb = res["decode_b16_generate_s"]
+        agg_o = b * (n - 1) / (median(bb["ours_n"]) - median(bb["ours_1"]))
+        agg_t = b * (n - 1) / (median(bb["theirs_n"]) - median(bb["theirs_1"]))
     step_bytes = counts.decode_bytes(wb["ours"], b, 64 + n // 2)
     table.append(row(f"decode batch {b} aggregate fp32, tokens/s (vs theirs batch {b})", agg_o, agg_t,
                      agg_o / b * step_bytes / 1e9 / bw, agg_t / b * step_bytes / 1e9 / bw))
@@ -524,6 +569,10 @@ def main(argv=None) -> int:
     p.add_argument("--no-accuracy", action="store_true", help="skip the accuracy evaluation")
     p.add_argument("--reuse-accuracy", type=Path, default=None,
                    help="take the (deterministic, timing-free) accuracy results from an earlier run.json")
+    p.add_argument("--only", default=None, help="comma list of parts to re-measure (vit, prefill, decode1, decode16, "
+                                                "ttft, rss) into the run.json given by --merge-into")
+    p.add_argument("--merge-into", type=Path, default=None, help="an earlier run.json to update (with --only)")
+    p.add_argument("--render", type=Path, default=None, help="only re-render the report of a run.json into the docs")
     p.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -532,20 +581,39 @@ def main(argv=None) -> int:
     if args.rss_child:
         rss_child(args.rss_child, root, args.quick)
         return 0
-    import transformers
-
     S = sizes(args.quick)
     cfg = quick_config() if args.quick else full_config()
+    out = ROOT / "benchmarks" / "results" / ("run-quick.json" if args.quick else "run.json")
+    if args.render:
+        r = json.loads(args.render.read_text())
+        r["table"] = build_table(r, cfg)
+        finish(r, args.render, docs=not args.no_docs and not r.get("quick"))
+        return 0
+    parts = set(PARTS if args.only is None else args.only.split(","))
+    if parts - set(PARTS):
+        p.error(f"unknown parts {sorted(parts - set(PARTS))}; choose from {', '.join(PARTS)}")
+    if args.only and not args.merge_into:
+        p.error("--only needs --merge-into RUN_JSON (the run whose other measurements are kept)")
+    import transformers
+
     reps = args.reps
-    r = {"command": "python benchmarks/run.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-         "machine": machine_info(args.threads), "transformers": transformers.__version__,
-         "load_start": load_average(), "reps": reps, "sizes": S, "quick": args.quick}
-    print(f"load average {r['load_start']}; measuring rooflines ...", flush=True)
-    r["roofline_start"] = measure_rooflines(S, reps)
-    print(f"  {r['roofline_start']}", flush=True)
-    print("kernel sweep ...", flush=True)
-    r["kernels"] = kernel_sweep(S["kernel_layers"], reps)
-    gc.collect()
+    command = "python benchmarks/run.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    if args.merge_into:
+        r = json.loads(args.merge_into.read_text())
+        r.setdefault("updates", []).append({"command": command, "parts": sorted(parts), "date": time.ctime(),
+                                            "load_start": load_average()})
+        out = args.merge_into
+    else:
+        r = {"command": command, "machine": machine_info(args.threads), "transformers": transformers.__version__,
+             "load_start": load_average(), "reps": reps, "sizes": S, "quick": args.quick, "measured": {}}
+    res = r["measured"]
+    print(f"load average {load_average()}; measuring rooflines ...", flush=True)
+    roof_start = measure_rooflines(S, reps)
+    print(f"  {roof_start}", flush=True)
+    if not args.only:
+        print("kernel sweep ...", flush=True)
+        r["kernels"] = kernel_sweep(S["kernel_layers"], reps)
+        gc.collect()
 
     paths = ensure_checkpoints(cfg, root)
     print("loading both models ...", flush=True)
@@ -555,7 +623,6 @@ def main(argv=None) -> int:
     ours4 = quantize_model(copy_sharing(ours, "vision_model", "mlp1"), "int4", targets=("llm",), group_size=128)
     r["llm_weight_bytes"] = {k: linear_weight_bytes(m.language_model)
                              for k, m in (("ours", ours), ("int8", ours8), ("int4", ours4), ("theirs", ours))}
-    res = r["measured"] = {}
 
     # warm-up: first calls allocate and pick kernels
     w_ids = text_prompt(1, 16)
@@ -563,29 +630,33 @@ def main(argv=None) -> int:
         generate(m, w_ids, config=GenerationConfig(max_new_tokens=2))
     theirs.generate(input_ids=w_ids, max_new_tokens=2, do_sample=False, pad_token_id=0)
 
-    print("ViT ...", flush=True)
-    px = pixels(S["vit_tiles"], cfg.image_size)
-    res["vit_s"] = interleaved(reps, {"ours": ours_vit(ours, px), "theirs": theirs_vit(theirs, px),
-                                      "int8": ours_vit(ours8, px)})
-    for n in S["prefill"]:
+    if "vit" in parts:
+        print("ViT ...", flush=True)
+        px = pixels(S["vit_tiles"], cfg.image_size)
+        res["vit_s"] = interleaved(reps, {"ours": ours_vit(ours, px), "theirs": theirs_vit(theirs, px),
+                                          "int8": ours_vit(ours8, px)})
+    for n in S["prefill"] if "prefill" in parts else ():
         print(f"prefill {n} ...", flush=True)
         ids = text_prompt(1, n, seed=n)
         res[f"prefill_{n}_s"] = interleaved(reps, {"ours": ours_prefill(ours, ids),
                                                    "theirs": theirs_prefill(theirs, ids)})
-    print("decode batch 1 ...", flush=True)
-    ids, n = text_prompt(1, S["decode_prompt"], seed=1), S["decode_new"]
-    res["decode_b1_s_per_token"] = interleaved(reps, {
-        "ours": ours_decode(ours, ids, n), "theirs": theirs_decode(theirs, ids, n),
-        "int8": ours_decode(ours8, ids, n), "int4": ours_decode(ours4, ids, n)})
-    print(f"  {res['decode_b1_s_per_token']}", flush=True)
+    if "decode1" in parts:
+        print("decode batch 1 ...", flush=True)
+        ids, n = text_prompt(1, S["decode_prompt"], seed=1), S["decode_new"]
+        res["decode_b1_s_per_token"] = interleaved(reps, {
+            "ours": ours_decode(ours, ids, n), "theirs": theirs_decode(theirs, ids, n),
+            "int8": ours_decode(ours8, ids, n), "int4": ours_decode(ours4, ids, n)})
+        print(f"  {res['decode_b1_s_per_token']}", flush=True)
     del ours4
     gc.collect()
-    print("decode batch 16 ...", flush=True)
-    ids, n = text_prompt(S["batch"], 64, seed=2), S["batch_new"]
-    res["decode_b16_generate_s"] = interleaved(reps, {
-        "ours_n": ours_generate(ours, ids, n), "ours_1": ours_generate(ours, ids, 1),
-        "theirs_n": theirs_generate(theirs, ids, n), "theirs_1": theirs_generate(theirs, ids, 1)})
-    for tiles in S["ttft_tiles"]:
+    if "decode16" in parts:
+        print("decode batch 16 ...", flush=True)
+        ids, n = text_prompt(S["batch"], 64, seed=2), S["batch_new"]
+        res.pop("decode_b16_generate_s", None)
+        res["decode_b16_s_per_step"] = interleaved(reps, {"ours": ours_batch_decode(ours, ids, n),
+                                                          "theirs": theirs_batch_decode(theirs, ids, n)})
+        print(f"  {res['decode_b16_s_per_step']}", flush=True)
+    for tiles in S["ttft_tiles"] if "ttft" in parts else ():
         print(f"TTFT {tiles} tile(s) ...", flush=True)
         ids = image_prompt(tiles, cfg.num_image_token, seed=tiles)
         px = pixels(tiles, cfg.image_size, seed=tiles)
@@ -598,8 +669,8 @@ def main(argv=None) -> int:
 
     if args.reuse_accuracy:
         r["accuracy"] = json.loads(args.reuse_accuracy.read_text())["accuracy"]
-        r["accuracy_from"] = str(args.reuse_accuracy)
-    elif not args.no_accuracy:
+        r["accuracy_from"] = str(args.reuse_accuracy.name)
+    elif not args.no_accuracy and not args.only:
         print("accuracy (1B-shaped random model) ...", flush=True)
         prompts = []
         for i in range(2):
@@ -611,23 +682,34 @@ def main(argv=None) -> int:
     del ours
     gc.collect()
 
-    print("peak RSS ...", flush=True)
-    res["rss_mb"] = {k: measure_rss(k, root, args.quick, args.threads) for k in ("ours", "theirs", "int8")}
+    if "rss" in parts:
+        print("peak RSS ...", flush=True)
+        res["rss_mb"] = {k: measure_rss(k, root, args.quick, args.threads) for k in ("ours", "theirs", "int8")}
     print("rooflines again ...", flush=True)
-    r["roofline_end"] = measure_rooflines(S, reps)
-    # the best the machine delivered during the run: fractions of it are conservative for both sides
-    r["roofline"] = {k: max(r["roofline_start"][k], r["roofline_end"][k]) for k in r["roofline_start"]}
-    r["load_end"] = load_average()
+    roof_end = measure_rooflines(S, reps)
+    # the best the machine delivered during the run(s): fractions of it are conservative for both sides
+    r["roofline"] = {k: max([roof_start[k], roof_end[k]] + ([r["roofline"][k]] if "roofline" in r else []))
+                     for k in roof_start}
+    r.setdefault("roofline_runs", []).append({"start": roof_start, "end": roof_end})
+    if args.merge_into:
+        r["updates"][-1]["load_end"] = load_average()
+    else:
+        r["load_end"] = load_average()
     r["table"] = build_table(r, cfg)
+    finish(r, out, docs=not args.quick and not args.no_docs)
+    return 0
 
+
+PARTS = ("vit", "prefill", "decode1", "decode16", "ttft", "rss")
+
+
+def finish(r: dict, out: Path, docs: bool) -> None:
     text = report(r)
     print("\n" + text)
-    out = ROOT / "benchmarks" / "results" / ("run-quick.json" if args.quick else "run.json")
     write_json(out, r)
-    if not args.quick and not args.no_docs:
+    if docs:
         write_doc(text)
-    print(f"wrote {out}" + ("" if args.quick or args.no_docs else f" and {DOC}"))
-    return 0
+    print(f"wrote {out}" + (f" and {DOC}" if docs else ""))
 
 
 if __name__ == "__main__":

@@ -61,6 +61,16 @@ def _load_media(args, cfg) -> tuple[object, list[int], str]:
 
     tiles, patches, prefix = [], [], ""
     max_tiles = args.max_tiles if args.max_tiles is not None else cfg.max_dynamic_patch
+    if args.max_image_tokens is not None:  # video frames are one tile each and come off the top
+        from internvl.preprocessing.budget import max_tiles_for_budget
+
+        frames, images, per_tile = (args.num_frames if args.video else 0), len(args.image or []), cfg.num_image_token
+        left = args.max_image_tokens - frames * per_tile
+        if left < images * per_tile:
+            raise ValueError(f"--max-image-tokens {args.max_image_tokens} is smaller than one tile per image and "
+                             f"video frame: ({images} image(s) + {frames} frame(s)) x {per_tile} tokens = "
+                             f"{(frames + images) * per_tile}")
+        max_tiles = max_tiles_for_budget(left, per_tile, cfg.use_thumbnail, max_tiles, images)
     size = cfg.image_size
     for i, path in enumerate(args.image or []):
         px = load_image(path, input_size=size, max_num=max_tiles if cfg.dynamic_image_size else 1,
@@ -96,6 +106,8 @@ def chat(argv: list[str] | None = None) -> int:
     p.add_argument("--num-frames", type=int, default=8, help="frames sampled from --video (default 8)")
     p.add_argument("--max-tiles", type=int, default=None,
                    help="maximum 448px tiles per image (default: the model's max_dynamic_patch)")
+    p.add_argument("--max-image-tokens", type=int, default=None, metavar="N",
+                   help="image token budget of the prompt: each image gets as many tiles as fit (and the context)")
     p.add_argument("--max-new-tokens", type=int, default=512, help="answer length limit in tokens (default 512)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold when sampling")
@@ -111,15 +123,18 @@ def chat(argv: list[str] | None = None) -> int:
         p.error("--max-tiles must be >= 1")
     if args.num_frames < 1:
         p.error("--num-frames must be >= 1")
+    if args.max_image_tokens is not None and args.max_image_tokens < 1:
+        p.error("--max-image-tokens must be >= 1")
 
     import torch
 
     from internvl import InternVLChatModel, load_tokenizer
     from internvl.demo.model import resolve_default_model
+    from internvl.model.fast import optimize_for_inference
 
     path = resolve_default_model(model_arg)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = InternVLChatModel.from_pretrained(path, torch_dtype=args.dtype, device=device).eval()
+    model = optimize_for_inference(InternVLChatModel.from_pretrained(path, torch_dtype=args.dtype, device=device))
     if args.system is not None:
         model.system_message = args.system
     from internvl.checkpoint.hub import resolve_model_path
@@ -129,7 +144,8 @@ def chat(argv: list[str] | None = None) -> int:
     if pixel_values is not None:
         pixel_values = pixel_values.to(device)
     gen = dict(max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
-               temperature=args.temperature if args.temperature > 0 else 1.0, top_p=args.top_p, seed=args.seed)
+               temperature=args.temperature if args.temperature > 0 else 1.0, top_p=args.top_p, seed=args.seed,
+               max_image_tokens=args.max_image_tokens)
 
     def ask(question: str, history):
         streamer = PrintStreamer(tokenizer, model.conv_template.end_of_turn)
@@ -165,6 +181,12 @@ def _verbs():
 
     verbs = {"chat": chat, "convert": convert}
     try:
+        from internvl.serve.runner import main as serve
+
+        verbs["serve"] = serve
+    except ImportError:  # server extras (fastapi, uvicorn) not installed
+        pass
+    try:
         from internvl.training.trainer import main as train
         from internvl.training.lora import main_merge as merge_lora
 
@@ -180,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: internvl {" + ",".join(verbs) + "} ...\n\n"
               "  chat        chat about images/videos (default model: the shipped demo model)\n"
+              "  serve       OpenAI-compatible HTTP server (default model: the shipped demo model)\n"
               "  convert     convert a checkpoint between the original and transformers-native layouts\n"
               "  train       fine-tune (SFT, LoRA) from a YAML config\n"
               "  merge-lora  merge LoRA adapters into the base weights\n\n"

@@ -82,15 +82,18 @@ _SPM_NORMAL, _SPM_USER_DEFINED = 1, 4
 # Loading
 
 
-def load_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerFast:
-    """Load the tokenizer of a checkpoint directory (or a hub id) without executing any file from it.
+def load_tokenizer(path: str | os.PathLike | None = None) -> PreTrainedTokenizerFast:
+    """Load the tokenizer of a checkpoint directory (or a hub id; None = the shipped demo model, as
+    `InternVLChatModel.from_pretrained(None)`) without executing any file from it.
 
     Accepted layouts: a directory with `tokenizer.json`; or a directory with `tokenizer.model` and a
     `tokenizer_config.json` whose `tokenizer_class` is `InternLM2Tokenizer` or `LlamaTokenizer` (a `Fast` suffix is
     ignored). A string that is not an existing directory and looks like `owner/name` is downloaded from the hub
     (tokenizer files only).
     """
-    directory = _resolve_directory(path)
+    from internvl.demo.model import resolve_default_model
+
+    directory = _resolve_directory(resolve_default_model(path))
     config = _read_json(directory / "tokenizer_config.json")
     class_name = str(config.get("tokenizer_class") or "").removesuffix("Fast")
     has_json = (directory / "tokenizer.json").is_file()

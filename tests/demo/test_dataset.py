@@ -1,5 +1,6 @@
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -87,9 +88,21 @@ def test_summary_counts_every_kind(dataset):
     out, _ = dataset
     summary = json.loads((out / "summary.json").read_text())
     counts = summary["train_counts"]
-    assert {k.split(":")[1] for k in counts if k.startswith("kind:")} == ALL_KINDS
+    assert {k.split(":")[1] for k in counts if k.startswith("kind:")} == ALL_KINDS | {"list"}
     assert sum(v for k, v in counts.items() if k.startswith("record:")) == N_TRAIN
     assert summary["eval_images"] == sum(len(r["images"]) for r in read_jsonl(out / "eval.jsonl"))
+
+
+def test_captions_come_after_the_questions_they_would_answer(dataset):
+    out, _ = dataset
+    caption = re.compile(r"Objects: .*|(A|An) \w+ \w+ (at|on|in) the .*")  # list / describe answers
+    seen = 0
+    for r in read_jsonl(out / "train.jsonl"):
+        answers = [t["value"] for t in r["conversations"] if t["from"] == "gpt"]
+        kinds = [bool(caption.fullmatch(a)) for a in answers]
+        seen += any(kinds)
+        assert kinds == sorted(kinds), answers  # no question answered after a caption
+    assert seen >= 5
 
 
 def test_val_meta_and_records(dataset):

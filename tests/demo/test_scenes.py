@@ -17,21 +17,14 @@ from internvl.demo.scenes import (
     render,
 )
 
+from demo.reference import POSITION_NAMES, REFERENCE_RGB, nearest_name
+
 SIZE = 224
-# Written here, not imported: reference hues the palette names must be nearest to.
-REFERENCE_RGB = {"red": (255, 0, 0), "green": (0, 160, 0), "blue": (0, 0, 255), "yellow": (255, 220, 0),
-                 "purple": (128, 0, 160), "orange": (255, 140, 0)}
-POSITION_NAMES = [["top left", "top", "top right"], ["left", "center", "right"],
-                  ["bottom left", "bottom", "bottom right"]]
 
 
 def scenes(seed, n):
     rng = random.Random(seed)
     return [make_scene(rng) for _ in range(n)]
-
-
-def nearest_name(rgb):
-    return min(REFERENCE_RGB, key=lambda k: sum((a - b) ** 2 for a, b in zip(rgb, REFERENCE_RGB[k])))
 
 
 def cell_of(obj):
@@ -150,6 +143,12 @@ def check_single(scene, qa: QA):
         assert (scene.word is not None) == ("word" in a)
         if scene.word:
             assert scene.word in a
+    elif qa.kind == "list":
+        assert qa.question in ("List the objects.", "List every object with its color and place.")
+        m = re.fullmatch(r"Objects: (.*)\.", a)
+        listed = [tuple(part.split(" ", 2)) for part in m.group(1).split(", ")]
+        assert listed == [(o.shape, o.color, o.position) for o in objs]  # reading order, shape first
+        assert [cell_of(o) for o in objs] == sorted(cell_of(o) for o in objs)
     elif qa.kind == "multiturn":
         turns = qa.turns
         assert 2 <= len(turns) <= 3
@@ -246,5 +245,5 @@ def test_text_answers():
 
 
 def test_kinds_list():
-    assert set(KINDS) == set(SINGLE_IMAGE_ASKERS) | {"compare", "text"}
+    assert set(KINDS) | {"list"} == set(SINGLE_IMAGE_ASKERS) | {"compare", "text"}  # list: training only
     assert len(KINDS) == 10

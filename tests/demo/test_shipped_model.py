@@ -24,10 +24,13 @@ def test_demo_model_is_shipped_small_and_in_the_original_layout():
 def test_none_resolves_to_the_demo_model_and_it_answers_in_the_trained_format():
     assert resolve_default_model(None) == DEMO_MODEL_DIR
     model = InternVLChatModel.from_pretrained(None).eval()
-    tok = load_tokenizer(DEMO_MODEL_DIR)
+    tok = load_tokenizer(None)  # the README's quick start passes the same `path` (None) to both
+    assert tok.get_vocab() == load_tokenizer(DEMO_MODEL_DIR).get_vocab()
     assert len(tok) <= model.config.llm.vocab_size
-    px = load_image(ROOT / "examples" / "media" / "scene1.png", input_size=model.config.image_size, max_num=6)
-    assert px.shape == (1, 3, 224, 224)  # a square 224 image is one tile, no thumbnail
+    size = model.config.image_size
+    assert model.config.max_dynamic_patch == 1  # trained on single tiles, so that is what it tiles to by default
+    px = load_image(ROOT / "examples" / "media" / "scene1.png", input_size=size, max_num=model.config.max_dynamic_patch)
+    assert px.shape == (1, 3, size, size)  # one tile, no thumbnail
     answer = model.chat(tok, px, "What color is the triangle?", dict(max_new_tokens=16, do_sample=False))
     # the training data answers every question with a short sentence ending in a period
     assert answer.endswith(".") and 1 < len(answer) < 40

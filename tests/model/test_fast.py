@@ -6,14 +6,17 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from internvl.generation.generate import generate
 from internvl.generation.sampling import GenerationConfig
 from internvl.model.fast import (
+    SKINNY_ROWS,
     CachedRotary,
     FusedAttention,
     FusedMLP,
+    SkinnyLinear,
     StaticKVCache,
     fuse_linears,
     optimize_for_inference,
@@ -115,6 +118,37 @@ def test_rope_table_equals_eager_and_grows():
     # length-dependent kinds keep the eager module
     assert not isinstance(pair("Phi3ForCausalLM")[1].language_model.model.rotary, CachedRotary)
     assert not isinstance(pair("InternLM2ForCausalLM")[1].language_model.model.rotary, CachedRotary)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@torch.no_grad()
+def test_skinny_linear_equals_linear_for_every_row_count(bias):
+    lin = nn.Linear(24, 40, bias=bias)
+    sk = SkinnyLinear.from_linear(lin)
+    assert sk.weight is lin.weight
+    lo, hi = SKINNY_ROWS
+    for shape in [(1, 24), (2, 1, 24), (lo, 24), (2, hi // 2, 24), (hi, 24), (hi + 1, 24), (3, 5, 24)]:
+        x = torch.randn(*shape)
+        got = sk(x)
+        assert got.shape == (*shape[:-1], 40) and got.is_contiguous()
+        assert rel(got, F.linear(x, lin.weight, lin.bias)) <= TOL
+
+
+@pytest.mark.parametrize("arch", ["Qwen2ForCausalLM", "InternLM3ForCausalLM"])
+def test_batched_decode_matches_eager(arch):
+    """8 rows per decode step: the SkinnyLinear (W @ x.T) path, with left padding."""
+    eager, fast = pair(arch, seed=4)
+    assert isinstance(fast.language_model.lm_head, SkinnyLinear)
+    ids = torch.randint(3, 100, (8, 6), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(ids)
+    for i in range(4):
+        mask[i, :i + 1] = 0
+    cfg = GenerationConfig(max_new_tokens=6)
+    assert torch.equal(generate(eager, ids, mask, config=cfg), generate(fast, ids, mask, config=cfg))
+    lm_e, lm_f = eager.language_model, fast.language_model
+    with torch.no_grad():
+        h_e, h_f = lm_e(lm_e.get_input_embeddings()(ids[:, :1])), lm_f(lm_f.get_input_embeddings()(ids[:, :1]))
+        assert rel(lm_f.lm_head(h_f[:, -1]), lm_e.lm_head(h_e[:, -1])) <= TOL
 
 
 def test_fuse_linears_checks_and_concatenates():

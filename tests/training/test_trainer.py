@@ -105,6 +105,41 @@ def test_cli_run_loss_decreases_and_writes_final_model(tok_dir, meta, tmp_path, 
     assert (final / "train_config.yaml").is_file()
 
 
+def test_cli_bad_records_fail_up_front_or_are_skipped_and_counted(tok_dir, tmp_path, capsys):
+    root = tmp_path / "data"
+    meta = write_data(root, n=6)
+    good = (root / "train.jsonl").read_text(encoding="utf-8")
+    bad = [
+        json.dumps({"image": "missing.png", "conversations": [{"from": "human", "value": "<image>\nQ"},
+                                                              {"from": "gpt", "value": "A"}]}),
+        '{"conversations": [',
+        json.dumps({"image": "img0.png", "conversations": [{"from": "human", "value": "<image><image> Q"},
+                                                           {"from": "gpt", "value": "A"}]}),
+        json.dumps({"conversations": []}),
+    ]
+    (root / "train.jsonl").write_text(good + "\n".join(bad) + "\n", encoding="utf-8")
+    import yaml
+
+    yaml_file = tmp_path / "train.yaml"
+    yaml_file.write_text(yaml.safe_dump({"model_config": model_config_dict(tok_dir), "tokenizer": str(tok_dir),
+                                         "meta_path": str(meta), "max_steps": 3, "per_device_batch_size": 2}))
+    base = [str(yaml_file)]
+    # without the flag: one error listing every bad line with file:line, before any model is built or step taken
+    assert T.main(base + ["--output_dir", str(tmp_path / "strict")]) == 2
+    err = capsys.readouterr().err
+    annotation = str(root / "train.jsonl")
+    for line, what in ((7, "file not found"), (8, "invalid JSON"), (9, "2 <image> placeholders but 1 image"),
+                       (10, "empty 'conversations'")):
+        assert f"{annotation}:{line}: " in err and what in err, (line, what, err)
+    assert "Traceback" not in err and not (tmp_path / "strict" / "train_log.jsonl").exists()
+    # with it: the run goes through on the 6 good lines and says what it skipped
+    assert T.main(base + ["--output_dir", str(tmp_path / "lenient"), "--skip-bad-records"]) == 0
+    err = capsys.readouterr().err
+    assert "skipped 4 bad annotation lines" in err and f"{annotation}:7: " in err
+    assert [e["step"] for e in read_log(tmp_path / "lenient")] == [1, 2, 3]
+    assert (tmp_path / "lenient" / "final" / "model.safetensors").is_file()
+
+
 def test_final_model_holds_the_trained_weights_and_restarts_training(tok_dir, meta, tmp_path):
     """lr 0: the saved weights are the ones step 1 ran with. Recompute its loss from final/ with the model's own
     loss and the first two samples of the seeded order; then fine-tune from final/ (model + its tokenizer files)."""

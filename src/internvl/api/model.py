@@ -84,16 +84,18 @@ class InternVLChatModel(InternVLModel):
         return reference_generate(self, input_ids, attention_mask, pixel_values, visual_features, cfg, streamer)
 
     def chat(self, tokenizer, pixel_values, question, generation_config=None, history=None, return_history=False,
-             num_patches_list=None, verbose=False, engine=True, **token_kwargs):
-        """Model-card `chat` (INTERNVL.md §8.1); served by the paged engine unless engine=False."""
+             num_patches_list=None, verbose=False, engine=True, max_image_tokens=None, **token_kwargs):
+        """Model-card `chat` (INTERNVL.md §8.1); served by the paged engine unless engine=False.
+        pixel_values may also be images, tiled to fit max_image_tokens (see `internvl.api.chat.chat`)."""
         _check_token_kwargs(token_kwargs)
         return chat_api.chat(self, tokenizer, pixel_values, question, generation_config, history, return_history,
-                             num_patches_list, verbose, engine)
+                             num_patches_list, verbose, engine, max_image_tokens=max_image_tokens)
 
     def batch_chat(self, tokenizer, pixel_values, questions, generation_config=None, num_patches_list=None,
                    history=None, return_history=False, verbose=False, image_counts=None, engine=True,
-                   **token_kwargs):
+                   max_image_tokens=None, **token_kwargs):
         """Model-card `batch_chat` (§8.4), plus one optional history per question; engine=False: reference."""
         _check_token_kwargs(token_kwargs)
         return chat_api.batch_chat(self, tokenizer, pixel_values, questions, generation_config, num_patches_list,
-                                   history, return_history, verbose, image_counts, engine)
+                                   history, return_history, verbose, image_counts, engine,
+                                   max_image_tokens=max_image_tokens)

@@ -302,14 +302,18 @@ class CheckpointMapper:
 
 
 def load_weights_(model: InternVLModel, ckpt_dir: str | Path, layout: str, dtype: torch.dtype,
-                  device: torch.device | str = "cpu") -> InternVLModel:
-    """Stream a checkpoint's tensors into `model` (usually built on `meta`), checking names and shapes."""
+                  device: torch.device | str = "cpu", device_of=None) -> InternVLModel:
+    """Stream a checkpoint's tensors into `model` (usually built on `meta`), checking names and shapes.
+
+    device_of: optional name -> device (a multi-device placement); default every tensor to `device`.
+    """
     device = torch.device(device)
     mapper = CheckpointMapper(model.config, layout, model.state_dict(keep_vars=True))
     for path in checkpoint_files(ckpt_dir):
         for src_name, raw in iter_file_tensors(path):
             for name, t in mapper.map(src_name, raw, path):
-                out = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+                out = t.to(device=device_of(name) if device_of else device,
+                           dtype=dtype if t.is_floating_point() else t.dtype)
                 if out.data_ptr() == t.data_ptr():
                     out = out.clone()  # never keep a view of the file's memory map
                 _assign(model, name, out)
@@ -346,13 +350,17 @@ def load_model(
     dtype: torch.dtype | str | None = None,
     device: str | torch.device = "cpu",
     model_cls: type[InternVLModel] = InternVLModel,
+    device_map: str | dict | None = None,
 ) -> InternVLModel:
     """Load a checkpoint directory or hub id into an `InternVLModel` (or `model_cls`) in eval mode.
 
     dtype: None -> float32 on CPU, the checkpoint's dtype (bf16) elsewhere; or a torch dtype / one of
     ACCEPTED_DTYPE_NAMES ('auto' = the checkpoint's dtype).
+    device_map: spread the decoder layers over several devices instead of `device`: 'auto' (by the free memory
+    of every visible GPU) or a dict of module-name prefix -> device (`internvl.parallel.placement`).
     """
     device = torch.device(device)
+    placement = None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device} was requested but CUDA is not available")
     ckpt_dir = resolve_model_path(path)
@@ -360,13 +368,23 @@ def load_model(
     layout = detect_layout(config_dict)
     target = resolve_dtype(dtype, config_dict, device)
     cfg = InternVLConfig.from_dict(config_dict)
+    if device_map is not None:
+        from internvl.parallel.placement import resolve_device_map
+
+        placement = resolve_device_map(device_map, cfg, lambda home: resolve_dtype(dtype, config_dict, home))
+        device = torch.device(placement.home)
+        target = resolve_dtype(dtype, config_dict, device)
     checkpoint_files(ckpt_dir)  # fail on missing shards before building anything
     with torch.device("meta"):
         model = model_cls(cfg)
-    load_weights_(model, ckpt_dir, layout, target, device)
+    load_weights_(model, ckpt_dir, layout, target, device, placement.device_of if placement else None)
     _rebuild_non_persistent_(model, device)
     left = meta_tensors(model)
     if left:
         raise RuntimeError(f"after loading {ckpt_dir}, these tensors were never materialised: {_listing(left)}")
     model.img_context_token_id = cfg.image_token_id  # None: resolved from the tokenizer by the chat API
+    if placement is not None:
+        from internvl.parallel.placement import place_model
+
+        place_model(model, placement)  # the weights are in place already: this adds the device-moving hooks
     return model.eval()

@@ -22,8 +22,9 @@ Training mixture (fraction of the n_train conversations; counts are exact up to 
     text       12%  no image, 1-3 turns of arithmetic / colour mixing / shape facts / identity
 
 Inside packed and single records the kind of each question is drawn from KIND_WEIGHTS among the kinds the scene
-supports (OCR only when a word is drawn). With 20k conversations every kind gets thousands of examples; the exact
-numbers are written to summary.json.
+supports (OCR only when a word is drawn); captions (`describe`, `list`) go last in a record. `list` is a
+training-only caption (see `scenes.ask_list`): the evaluation set does not ask it. With 20k conversations every kind
+gets thousands of examples; the exact numbers are written to summary.json.
 
 The evaluation set uses a different random stream, draws its images fresh, and rejects any scene that also occurs in
 the training set, so no evaluation image is a training image. Its items cycle through all ten kinds.
@@ -57,7 +58,10 @@ DATASET_NAME = "demo_shapes"
 MIXTURE = {"packed": 0.40, "single": 0.22, "multiturn": 0.12, "compare": 0.14, "text": 0.12}
 # Relative frequency of each kind inside packed/single records; harder kinds (boxes, counting, positions) get more.
 KIND_WEIGHTS = {"color": 1.0, "shape": 1.0, "position": 1.5, "count": 1.5, "ocr": 2.5, "grounding": 2.0,
-                "describe": 1.0}
+                "describe": 1.0, "list": 2.0}
+# Captions name every object, so a question after one in the same record could be answered from the text: they go
+# last, and the questions before them are answered from the image.
+CAPTION_KINDS = ("describe", "list")
 PACKED_TURNS = (2, 4)  # inclusive range of questions in a packed record
 TEXT_TURNS = (1, 3)
 IMAGE_PREFIX = "<image>\n"  # single-image placeholder at the start of the first human turn (§12.2)
@@ -99,7 +103,7 @@ def _pick_kinds(scene: Scene, rng: random.Random, k: int) -> list[QA]:
         kinds = list(available)
         kind = rng.choices(kinds, weights=[KIND_WEIGHTS[c] for c in kinds])[0]
         chosen.append(available.pop(kind))
-    return chosen
+    return sorted(chosen, key=lambda qa: qa.kind in CAPTION_KINDS)  # stable: the draw order otherwise
 
 
 class _ImageWriter:

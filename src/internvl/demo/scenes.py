@@ -164,27 +164,35 @@ def make_scene(
                  width=size, height=size)
 
 
+def draw_object(draw: ImageDraw.ImageDraw, obj: SceneObject, fill) -> None:
+    """The one place that knows each shape's geometry (also used for the label maps of `demo.vision_pretrain`)."""
+    x1, y1, x2, y2 = obj.bbox
+    right, bottom = x2 - 1, y2 - 1  # Pillow's boxes are inclusive
+    mid_x, mid_y = (x1 + right) / 2, (y1 + bottom) / 2
+    if obj.shape == "circle":
+        draw.ellipse((x1, y1, right, bottom), fill=fill)
+    elif obj.shape == "square":
+        draw.rectangle((x1, y1, right, bottom), fill=fill)
+    elif obj.shape == "triangle":  # apex up
+        draw.polygon([(mid_x, y1), (right, bottom), (x1, bottom)], fill=fill)
+    elif obj.shape == "diamond":
+        draw.polygon([(mid_x, y1), (right, mid_y), (mid_x, bottom), (x1, mid_y)], fill=fill)
+    else:
+        raise ValueError(f"unknown shape {obj.shape!r}; expected one of {SHAPES}")
+
+
+def draw_word(draw: ImageDraw.ImageDraw, scene: Scene, fill) -> None:
+    draw.text(scene.word_center, scene.word, fill=fill, font=_font(scene.word_font_size), anchor="mm")
+
+
 def render(scene: Scene) -> Image.Image:
     """Draw a scene as an RGB image. Shapes are not anti-aliased, so interior pixels carry the exact palette colour."""
     image = Image.new("RGB", (scene.width, scene.height), scene.background)
     draw = ImageDraw.Draw(image)
     for obj in scene.objects:
-        x1, y1, x2, y2 = obj.bbox
-        right, bottom = x2 - 1, y2 - 1  # Pillow's boxes are inclusive
-        mid_x, mid_y = (x1 + right) / 2, (y1 + bottom) / 2
-        fill = PALETTE[obj.color]
-        if obj.shape == "circle":
-            draw.ellipse((x1, y1, right, bottom), fill=fill)
-        elif obj.shape == "square":
-            draw.rectangle((x1, y1, right, bottom), fill=fill)
-        elif obj.shape == "triangle":  # apex up
-            draw.polygon([(mid_x, y1), (right, bottom), (x1, bottom)], fill=fill)
-        elif obj.shape == "diamond":
-            draw.polygon([(mid_x, y1), (right, mid_y), (mid_x, bottom), (x1, mid_y)], fill=fill)
-        else:
-            raise ValueError(f"unknown shape {obj.shape!r}; expected one of {SHAPES}")
+        draw_object(draw, obj, PALETTE[obj.color])
     if scene.word:
-        draw.text(scene.word_center, scene.word, fill=TEXT_COLOR, font=_font(scene.word_font_size), anchor="mm")
+        draw_word(draw, scene, TEXT_COLOR)
     return image
 
 
@@ -300,6 +308,19 @@ def ask_describe(scene: Scene, rng: random.Random) -> QA | None:
     return QA("describe", question, describe(scene), {"n_objects": len(scene.objects)})
 
 
+def ask_list(scene: Scene, rng: random.Random) -> QA | None:
+    """Every object as `shape colour position`, in reading order ("Objects: circle red top left, ...").
+
+    A training-only caption that puts each attribute right after the words that pick its object out. A decoder
+    trained from scratch learns "What color is the circle?" in a few hundred steps with it and not in thousands
+    without: the caption supervises, at the shape word itself, a look-up of that shape's colour in the image
+    tokens, the look-up the question then reuses (answering the question alone needs two attention steps composed,
+    which a from-scratch model is slow to find)."""
+    question = rng.choice(("List the objects.", "List every object with its color and place."))
+    return QA("list", question, "Objects: " + ", ".join(f"{o.shape} {o.color} {o.position}" for o in scene.objects)
+              + ".", {"n_objects": len(scene.objects)})
+
+
 def ask_multiturn(scene: Scene, rng: random.Random) -> QA | None:
     """2-3 turns where later questions refer back ("it", "them") to the first answer's referent."""
     patterns = []
@@ -344,6 +365,7 @@ SINGLE_IMAGE_ASKERS: dict[str, Callable[[Scene, random.Random], QA | None]] = {
     "ocr": ask_ocr,
     "grounding": ask_grounding,
     "describe": ask_describe,
+    "list": ask_list,
     "multiturn": ask_multiturn,
 }
 

@@ -4,6 +4,7 @@ The reference `internvl.generation.generate` stays the readable oracle; this pac
 against it (tests/engine).
 """
 
+from internvl.engine.constraints import ResponseFormat, ResponseFormatError
 from internvl.engine.engine import (
     AsyncRequestStream,
     CompletionOutput,
@@ -33,6 +34,8 @@ __all__ = [
     "QueueFull",
     "RequestOutput",
     "RequestStream",
+    "ResponseFormat",
+    "ResponseFormatError",
     "SamplingParams",
     "Scheduler",
     "SequenceText",

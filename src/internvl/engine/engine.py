@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from internvl.engine.constraints import GrammarCompiler
 from internvl.engine.kv_cache import PagedKVCache, hash_prompt_blocks
 from internvl.engine.sampler import SamplingParams, TokenLogprob, sample_token, sequence_seed, token_logprob
 from internvl.engine.scheduler import FINISHED, Scheduler, Sequence, Work
@@ -101,10 +102,11 @@ _DONE = object()
 
 
 class _Choice:
-    __slots__ = ("output", "generator", "text", "seq")
+    __slots__ = ("output", "generator", "text", "seq", "constraint")
 
-    def __init__(self, output, generator, text, seq):
+    def __init__(self, output, generator, text, seq, constraint=None):
         self.output, self.generator, self.text, self.seq = output, generator, text, seq
+        self.constraint = constraint  # constraints.Constraint of a response_format request
 
 
 class _Request:
@@ -253,10 +255,12 @@ class Engine:
         weight = lm.lm_head.weight
         if kv_budget_bytes is None and num_blocks is None:
             kv_budget_bytes = DEFAULT_KV_BUDGET_BYTES
-        self.pool = PagedKVCache(
-            cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, block_size=block_size, num_blocks=num_blocks,
-            budget_bytes=kv_budget_bytes, dtype=weight.dtype, device=weight.device,
-        )
+        layers = lm.model.layers
+        self.pool = PagedKVCache(  # kv heads of this rank under tensor parallelism; layers may sit on other devices
+            cfg.num_layers, layers[0].self_attn.kv_heads, cfg.head_dim, block_size=block_size, num_blocks=num_blocks,
+            budget_bytes=kv_budget_bytes, dtype=lm.get_input_embeddings().weight.dtype, device=weight.device,
+            layer_devices=[layer.input_layernorm.weight.device for layer in layers],
+        )  # the embedding's dtype: a quantized lm_head holds int8/uint8 codes, the activations stay float
         self.device = weight.device
         self.scheduler = Scheduler(
             self.pool, max_batch_size=max_batch_size, prefill_chunk_tokens=prefill_chunk_tokens,
@@ -271,6 +275,7 @@ class Engine:
                 eos_token_ids = (eos_id_for_template(tokenizer, model.config.template),)
         self.eos_token_ids = tuple(int(i) for i in eos_token_ids)
         self._drop = dropped_ids(tokenizer) if tokenizer is not None else None
+        self._grammars: GrammarCompiler | None = None  # built on the first response_format request
         self._static_rope = self._rope_spec().kind in _STATIC_ROPE_KINDS
         self.stats = EngineStats()
         self._lock = threading.RLock()
@@ -323,6 +328,7 @@ class Engine:
         images = self._collect_images(pixel_values, num_patches_list, visual_features, image_digests, images)
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need an engine with a tokenizer")
+        self._check_response_format(params)
         positions = self._image_positions(ids, images)
         self._check_fits(len(ids), params)
 
@@ -349,7 +355,8 @@ class Engine:
                     gen = torch.Generator(device=self.device).manual_seed(sequence_seed(params.seed, i))
                 text = SequenceText(self.tokenizer, params.stop, self._drop) if self.tokenizer is not None else None
                 out = CompletionOutput(i, logprobs=[] if params.logprobs else None)
-                req.choices.append(_Choice(out, gen, text, seq if i == 0 else None))
+                constraint = self._grammars.constraint(params.response_format) if params.response_format else None
+                req.choices.append(_Choice(out, gen, text, seq if i == 0 else None, constraint))
                 req.output.outputs.append(out)
             self.scheduler.add(seq)  # may raise QueueFull
             self._requests[rid] = req
@@ -419,6 +426,23 @@ class Engine:
             )
         if params.n > self.scheduler.max_batch_size:
             raise ValueError(f"n={params.n} exceeds max_batch_size={self.scheduler.max_batch_size}")
+
+    def _check_response_format(self, params: SamplingParams) -> None:
+        if params.response_format is None:
+            return
+        if self.tokenizer is None:
+            raise ValueError("response_format needs an engine with a tokenizer")
+        if params.ignore_eos and not params.stop_token_ids:
+            raise ValueError("response_format needs an end token to end the document: ignore_eos=True without "
+                             "stop_token_ids leaves none")
+        if not self.eos_token_ids and not params.stop_token_ids:
+            raise ValueError("response_format needs an end token: the engine has no eos_token_ids and the request "
+                             "no stop_token_ids")
+        with self._lock:
+            if self._grammars is None:
+                vocab = self.model.language_model.config.vocab_size  # logits width, whatever the lm_head
+                self._grammars = GrammarCompiler(self.tokenizer, vocab, self._drop)
+            self._grammars.constraint(params.response_format)  # compile now: errors surface before queuing
 
     def abort(self, request_id: str, wait: bool = True) -> bool:
         """Stop a request and free its KV blocks now. With wait=False (event-loop callers) and a step in progress,
@@ -628,7 +652,12 @@ class Engine:
         eos = () if params.ignore_eos else self.eos_token_ids
         stop_ids = eos + params.stop_token_ids
         generated = seq.token_ids[seq.prompt_len :]
-        token = sample_token(logits, generated, params, choice.generator, stop_ids)
+        constraint, forbidden, suppress = choice.constraint, None, stop_ids
+        if constraint is not None:  # response_format: the grammar's mask; a complete document may end at once
+            forbidden, suppress = constraint.forbidden(stop_ids), () if constraint.complete else stop_ids
+        token = sample_token(logits, generated, params, choice.generator, suppress, forbidden)
+        if constraint is not None and token not in stop_ids:
+            constraint.advance(token)
         lp = token_logprob(logits, token, params.top_logprobs) if params.logprobs else None
         seq.token_ids.append(token)
         out.token_ids.append(token)

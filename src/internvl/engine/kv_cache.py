@@ -147,7 +147,10 @@ class PagedKVCache:
         budget_bytes: int | None = None,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        layer_devices: Sequence[torch.device | str] | None = None,
     ):
+        """layer_devices: where each layer's pool lives when the layers are spread over devices
+        (`internvl.parallel.placement`); default all on `device`, which also holds the batch masks."""
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
         per_block = block_bytes(num_layers, num_kv_heads, head_dim, block_size, dtype)
@@ -165,10 +168,13 @@ class PagedKVCache:
         self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
         self.block_size, self.num_blocks, self.block_nbytes = block_size, num_blocks, per_block
         self.dtype, self.device = dtype, torch.device(device)
+        layer_devices = [device] * num_layers if layer_devices is None else list(layer_devices)
+        if len(layer_devices) != num_layers:
+            raise ValueError(f"layer_devices has {len(layer_devices)} entries for {num_layers} layers")
         # zeros, not empty: masked (padding) key/value slots are read by the gather and must be finite
         shape = (num_blocks, block_size, num_kv_heads, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.k = [torch.zeros(shape, dtype=dtype, device=d) for d in layer_devices]
+        self.v = [torch.zeros(shape, dtype=dtype, device=d) for d in layer_devices]
         self.allocator = BlockAllocator(num_blocks)
 
     @property
@@ -221,22 +227,26 @@ class PagedBatch:
             gather[i, :total] = slots
             write_slots.append(slots[start:])
             write_rows.append(i * n + torch.arange(total - start))
-        dev = pool.device
-        self._gather = gather.to(dev)
-        self._write_slots = torch.cat(write_slots).to(dev)
-        self._write_rows = torch.cat(write_rows).to(dev)
+        self._indices = {None: (gather, torch.cat(write_slots), torch.cat(write_rows))}  # per device, on first use
         self.length = int(self.starts.max())  # CausalLM reads `cache.length`; the engine passes positions itself
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         b, kv, n, d = k.shape  # (B, KV, n, d), rows past new_lens[i] are padding
         k_pool = self.pool.k[layer].view(-1, kv, d)  # (num_blocks * block_size, KV, d)
         v_pool = self.pool.v[layer].view(-1, kv, d)
-        k_pool.index_copy_(0, self._write_slots, k.transpose(1, 2).reshape(b * n, kv, d)[self._write_rows])
-        v_pool.index_copy_(0, self._write_slots, v.transpose(1, 2).reshape(b * n, kv, d)[self._write_rows])
-        shape = (*self._gather.shape, kv, d)  # (B, T_max, KV, d) -> (B, KV, T_max, d)
-        k_all = k_pool.index_select(0, self._gather.reshape(-1)).view(shape).permute(0, 2, 1, 3)
-        v_all = v_pool.index_select(0, self._gather.reshape(-1)).view(shape).permute(0, 2, 1, 3)
+        gather, write_slots, write_rows = self._indices_on(k_pool.device)
+        k_pool.index_copy_(0, write_slots, k.transpose(1, 2).reshape(b * n, kv, d)[write_rows])
+        v_pool.index_copy_(0, write_slots, v.transpose(1, 2).reshape(b * n, kv, d)[write_rows])
+        shape = (*gather.shape, kv, d)  # (B, T_max, KV, d) -> (B, KV, T_max, d)
+        k_all = k_pool.index_select(0, gather.reshape(-1)).view(shape).permute(0, 2, 1, 3)
+        v_all = v_pool.index_select(0, gather.reshape(-1)).view(shape).permute(0, 2, 1, 3)
         return k_all, v_all
+
+    def _indices_on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(gather, write slots, write rows) on `device`, copied there once per batch."""
+        if device not in self._indices:
+            self._indices[device] = tuple(t.to(device) for t in self._indices[None])
+        return self._indices[device]
 
     def mask(self, dtype: torch.dtype) -> torch.Tensor:
         """Additive (B, 1, n, T_max): query j of sequence i (position starts[i] + j) sees keys 0..its position.

@@ -7,6 +7,8 @@ Order of logits processing (the reference's, `internvl.generation.sampling`, wit
 2. presence / frequency penalties over the generated tokens (OpenAI: `logit -= presence * [count > 0] +
    frequency * count`);
 3. end-of-sequence and stop-token ids masked while fewer than `min_new_tokens` tokens exist;
+   with a `response_format`, the tokens its grammar forbids are masked too (`constraints.py`; the engine does not
+   suppress the end tokens once the document is complete);
 4. greedy: argmax. Sampling: temperature -> top-k -> top-p -> min-p -> softmax -> `torch.multinomial` with the
    sequence's own `torch.Generator`.
 
@@ -27,6 +29,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from internvl.engine.constraints import ResponseFormat
 from internvl.generation.sampling import GenerationConfig, apply_repetition_penalty
 
 MAX_TOP_LOGPROBS = 20
@@ -61,6 +64,7 @@ class SamplingParams:
     n: int = 1
     logprobs: bool = False
     top_logprobs: int = 0
+    response_format: ResponseFormat | None = None  # JSON mode / JSON Schema; an OpenAI dict is accepted
 
     def __post_init__(self):
         stop = self.stop
@@ -75,6 +79,8 @@ class SamplingParams:
         object.__setattr__(self, "stop_token_ids", ids)
         if self.top_k in (0, -1):
             object.__setattr__(self, "top_k", None)
+        if isinstance(self.response_format, dict):
+            object.__setattr__(self, "response_format", ResponseFormat.from_openai(self.response_format))
         self._validate()
 
     def _validate(self) -> None:
@@ -116,6 +122,8 @@ class SamplingParams:
             bad("top_logprobs", f"an integer in [0, {MAX_TOP_LOGPROBS}]")
         if self.top_logprobs and not self.logprobs:
             bad("top_logprobs", "0 unless logprobs=True")
+        if self.response_format is not None and not isinstance(self.response_format, ResponseFormat):
+            bad("response_format", "a ResponseFormat, an OpenAI response_format dict, or None")
 
     @property
     def is_greedy(self) -> bool:
@@ -198,12 +206,17 @@ def sample_token(
     params: SamplingParams,
     generator: torch.Generator | None = None,
     suppress: tuple[int, ...] = (),
+    forbidden: torch.Tensor | None = None,
 ) -> int:
-    """logits (V,) of the last position -> the next token id."""
+    """logits (V,) of the last position -> the next token id. `forbidden` (V,) bool: a response_format's mask."""
     scores = process_logits(logits, generated, params, suppress)
+    if forbidden is not None:
+        scores = scores.masked_fill(forbidden.to(scores.device), float("-inf"))
     if params.is_greedy:
         return int(scores.argmax())
     probs = warp(scores, params).softmax(-1)
+    if not bool(torch.isfinite(probs).all()):  # a tiny temperature or repetition penalty (say 5e-324) overflowed
+        return int(scores.argmax())  # float32 to inf: take their limit, the most likely token
     return int(torch.multinomial(probs[None], 1, generator=generator)[0, 0])
 
 

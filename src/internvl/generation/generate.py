@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from internvl.generation.beam_search import beam_search
 from internvl.generation.sampling import GenerationConfig, next_tokens
 from internvl.model.internvl import InternVLModel
 from internvl.model.llm import KVCache
@@ -24,8 +25,10 @@ def generate(
     config: GenerationConfig | None = None,
     streamer=None,
 ) -> torch.Tensor:
-    """input_ids (B, L) left-padded -> new token ids (B, n <= max_new_tokens)."""
+    """input_ids (B, L) left-padded -> new token ids (B, n <= max_new_tokens). num_beams > 1: `beam_search`."""
     cfg = config or GenerationConfig()
+    if cfg.num_beams > 1:
+        return beam_search(model, input_ids, attention_mask, pixel_values, visual_features, cfg, streamer)
     device = model.language_model.lm_head.weight.device
     input_ids = input_ids.to(device)
     b = input_ids.shape[0]

@@ -27,6 +27,9 @@ class GenerationConfig:
     eos_token_id: tuple[int, ...] = ()
     pad_token_id: int | None = None
     num_beams: int = 1
+    length_penalty: float = 1.0  # beam search: finished score = sum of log-probs / length ** length_penalty
+    early_stopping: bool | str = False  # beam search: False (heuristic), True, or "never" (transformers' meanings)
+    num_return_sequences: int = 1  # chat returns one answer; only 1 is accepted
     seed: int | None = None
 
     def __post_init__(self):
@@ -47,10 +50,17 @@ class GenerationConfig:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         if self.min_p is not None and not 0 <= self.min_p <= 1:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
-        if self.num_beams != 1:
+        if isinstance(self.num_beams, bool) or not isinstance(self.num_beams, int) or self.num_beams < 1:
+            raise ValueError(f"num_beams must be an integer >= 1, got {self.num_beams!r}")
+        if self.num_beams > 1 and self.do_sample:
             raise ValueError(
-                f"num_beams={self.num_beams}: beam search is not implemented in the reference generate yet; use 1"
+                f"beam sampling (do_sample=True with num_beams={self.num_beams}) is not supported; use "
+                "do_sample=False for beam search, or num_beams=1 to sample"
             )
+        if self.early_stopping not in (True, False, "never"):
+            raise ValueError(f"early_stopping must be True, False or 'never', got {self.early_stopping!r}")
+        if self.num_return_sequences != 1:
+            raise ValueError(f"num_return_sequences={self.num_return_sequences!r}: only 1 is supported (one answer)")
 
     @classmethod
     def from_any(cls, cfg=None, **overrides) -> "GenerationConfig":

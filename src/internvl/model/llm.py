@@ -53,9 +53,10 @@ class KVCache:
         return k, v
 
     def select(self, rows: torch.Tensor) -> None:
-        """Keep only batch rows `rows` (used when finished sequences leave a batch)."""
-        self.k = [None if t is None else t[rows] for t in self.k]
-        self.v = [None if t is None else t[rows] for t in self.v]
+        """Keep only batch rows `rows` (used when finished sequences leave a batch, and by beam search)."""
+        # layers placed on other devices keep their cache there (internvl.parallel.placement)
+        self.k = [None if t is None else t[rows.to(t.device)] for t in self.k]
+        self.v = [None if t is None else t[rows.to(t.device)] for t in self.v]
 
 
 class Attention(nn.Module):

@@ -129,10 +129,12 @@ class Int8Linear(nn.Module):
                 x.reshape(-1, self.in_features).to(torch.bfloat16), self.weight, self._scale_bf16
             ).to(x.dtype).view(*x.shape[:-1], self.out_features)
             return y if self.bias is None else y + self.bias.to(x.dtype)
-        # many rows: (x @ q.T) * s, one GEMM in compute_dtype on the cast codes, scale and bias in x's dtype
+        # many rows: (x @ q.T) * s, one GEMM in compute_dtype on the cast codes, scale and bias in x's dtype.
+        # Few passes over the (big) output on purpose: each fresh large tensor costs page faults on CPU.
         dt = self.compute_dtype or x.dtype
-        y = F.linear(x.to(dt), self.weight.to(dt)).to(x.dtype) * self.scale.to(x.dtype)
-        return y if self.bias is None else y + self.bias.to(x.dtype)
+        y = F.linear(x.to(dt), self.weight.to(dt))
+        y = y.mul_(self.scale.to(dt)) if dt == x.dtype else (y * self.scale).to(x.dtype)  # bf16 * fp32 -> fp32
+        return y if self.bias is None else y.add_(self.bias.to(x.dtype))
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
@@ -276,8 +278,8 @@ def _selected_linears(model: nn.Module, targets, skip) -> list[str]:
     if unknown:
         raise ValueError(f"unknown quantization target(s) {unknown}; choose from {', '.join(TARGET_PREFIXES)}")
     prefixes = tuple(TARGET_PREFIXES[t] for t in targets)
-    return [n for n, m in model.named_modules()
-            if type(m) is nn.Linear and n.startswith(prefixes) and not _matches(n, skip)]
+    return [n for n, m in model.named_modules()  # nn.Linear and its float subclasses (fast.SkinnyLinear)
+            if isinstance(m, nn.Linear) and n.startswith(prefixes) and not _matches(n, skip)]
 
 
 def _swap(model: nn.Module, name: str, new: nn.Module) -> None:

@@ -55,13 +55,17 @@ MODEL_INPUTS = ("pixel_values", "input_ids", "attention_mask", "position_ids", "
 
 
 # ================================================================================================ model
-def init_weights_(model: nn.Module, std: float = 0.02) -> nn.Module:
+def init_weights_(model: nn.Module, std: float = 0.02, vit_embedding_std: float = 0.02) -> nn.Module:
     """From-scratch initialisation: N(0, std) matrices and embeddings (transformers' initializer_range), zero
-    biases, norms and layer scales at 1, InternViT class/position embeddings N(0, 1) as InternViT creates them."""
+    biases, norms and layer scales at 1, InternViT class/position embeddings N(0, vit_embedding_std).
+
+    InternViT creates its class/position embeddings with N(0, 1) (harmless there: it is always loaded from
+    pretrained weights). From scratch, that per-position constant is ~2x the patch content (conv output std ~0.5)
+    and the demo model's vision path collapsed to a constant; timm's ViT init (0.02) lets the content through."""
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith(("class_embedding", "position_embedding")):
-                p.normal_(0.0, 1.0)
+                p.normal_(0.0, vit_embedding_std)
             elif p.ndim >= 2:
                 p.normal_(0.0, std)
             elif name.endswith(".bias"):
@@ -605,6 +609,10 @@ def train(
         dataset, collate_fn = build_dataset(cfg, tokenizer, model.config)
     elif collate_fn is None:
         raise ValueError("pass collate_fn together with dataset")
+    skipped = getattr(dataset, "skipped", None)
+    if ctx.is_main and skipped is not None and skipped.count:
+        print(f"data: skipped {skipped.count} bad annotation lines (skip_bad_records); first: {skipped.errors[0]}",
+              file=sys.stderr, flush=True)
     stream = BatchStream(dataset, collate_fn, cfg, ctx)
     if cfg.use_packed_ds:
         total = cfg.max_steps

@@ -1,0 +1,1 @@
+"""HTTP serving: an OpenAI-compatible server (SERVING.md), safe media fetching and the web chat page."""
