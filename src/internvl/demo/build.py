@@ -1,14 +1,15 @@
 """Reproduce the shipped demo model end to end: data -> tokenizer -> ViT pre-training -> `internvl train` ->
 held-out evaluation -> model card.
 
-    python -m internvl.demo.build OUT_DIR [--train 20000] [--vision-steps N] [--steps N] [--install]
+    python -m internvl.demo.build OUT_DIR [--train 20000] [--vision-steps N] [--steps N] [--rounds R] [--install]
 
 `--install` copies the result (bf16 weights, tokenizer, MODEL_CARD.md) into the package's assets, where every
 command and API finds it when no model is given. The architecture is InternVL's (InternViT with LayerNorm and
 qkv bias, pixel shuffle v2, mlp1, a Qwen2-style decoder, template `internvl2_5`), only smaller: one 112 px tile per
 image (16 image tokens; the 224 px scenes are downscaled by the usual preprocessing) and narrow widths, so it trains
 on two CPU cores. Two stages, as InternVL starts from a pre-trained InternViT: `demo.vision_pretrain` trains the ViT
-alone on per-patch scene labels, then the trainer fine-tunes the whole model on the conversations.
+alone on per-patch scene labels, then the trainer fine-tunes the whole model on the conversations, in two rounds
+(the second restarts the learning-rate schedule from the first's weights: colour accuracy 31% -> 88%).
 """
 
 from __future__ import annotations
@@ -63,14 +64,14 @@ def demo_model_config(vocab_size: int) -> dict:
     }
 
 
-def train_config(out: Path, data: Path, tok: Path, init: Path, steps: int, batch: int) -> dict:
-    """Stage 2: `internvl train` of the whole model from the stage-1 checkpoint `init` (ViT pre-trained, the rest
-    freshly initialised)."""
+def train_config(run_dir: Path, data: Path, tok: Path, init: Path, steps: int, batch: int) -> dict:
+    """One round of stage 2: `internvl train` of the whole model from `init` (round 1: the stage-1 checkpoint, ViT
+    pre-trained and the rest freshly initialised; later rounds: the previous round's weights)."""
     return {
         "model": str(init),
         "tokenizer": str(tok),
         "meta_path": str(data / "meta.json"),
-        "output_dir": str(out / "run"),
+        "output_dir": str(run_dir),
         "lr": LR,
         "lr_vision": LR_VISION,
         "weight_decay": 0.01,
@@ -163,8 +164,9 @@ def write_card(dst: Path, info: dict) -> None:
         f"* Stage 1, ViT pre-training on per-patch scene labels: {info['vision']['steps']} steps of batch "
         f"{info['vision']['batch_size']}, {info['vision']['seconds'] / 60:.1f} min; held-out per-patch accuracy "
         + ", ".join(f"{k} {v:.3f}" for k, v in info["vision"]["held_out"].items()) + ".",
-        f"* Stage 2, `internvl train` of the whole model: {info['steps']} steps of batch {info['batch']}, AdamW "
-        f"lr {LR:g} (ViT {LR_VISION:g}) cosine, {info['train_minutes']:.1f} min on {info['machine']}.",
+        f"* Stage 2, `internvl train` of the whole model: {info.get('rounds', 1)} round(s) of {info['steps']} steps "
+        f"of batch {info['batch']}, AdamW lr {LR:g} (ViT {LR_VISION:g}) cosine (restarted each round, from the "
+        f"previous round's bf16 weights), {info['train_minutes']:.1f} min on {info['machine']}.",
         "* Weights stored in bfloat16; evaluated as loaded (float32 compute).",
         "",
         "## Held-out accuracy",
@@ -186,7 +188,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--train", type=int, default=20000, help="training conversations to generate")
     ap.add_argument("--eval", type=int, default=1000, help="held-out evaluation questions")
     ap.add_argument("--vision-steps", type=int, default=1500, help="stage 1: ViT pre-training steps (batch 32)")
-    ap.add_argument("--steps", type=int, default=2600, help="stage 2: `internvl train` steps")
+    ap.add_argument("--steps", type=int, default=2600, help="stage 2: `internvl train` steps per round")
+    ap.add_argument("--rounds", type=int, default=2,
+                    help="stage 2 rounds: each restarts the lr schedule from the previous round's bf16 weights")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--eval-limit", type=int, default=None, help="score only the first N held-out items")
     ap.add_argument("--install", action="store_true", help="copy the result into the package's demo-model assets")
@@ -222,26 +226,30 @@ def main(argv: list[str] | None = None) -> int:
                                                                            lr=2e-3, warmup_steps=50))
         (init / "vision_pretrain.json").write_text(json.dumps(vision, indent=2))
     print(f"stage 1: {vision['held_out']} in {vision['seconds']:.0f} s", file=sys.stderr)
-    cfg = TrainConfig(**train_config(out, data, tok_dir, init, args.steps, args.batch))
-    if Path(cfg.output_dir).exists():  # a rebuild starts stage 2 afresh from the new stage-1 checkpoint
-        shutil.rmtree(cfg.output_dir)
-    t = time.time()
-    final = Path(train(cfg))
-    minutes = (time.time() - t) / 60
-
-    # ship bf16 weights (half the bytes); evaluation below uses exactly what ships
     from internvl import InternVLChatModel
 
-    shipped = out / "demo-model"
-    if shipped.exists():
-        shutil.rmtree(shipped)
-    model = InternVLChatModel.from_pretrained(final)
-    save_pretrained(model, shipped, dtype=torch.bfloat16)
-    copy_tokenizer_files(tok_dir, shipped)
+    t = time.time()
+    start = init
+    for round_ in range(1, args.rounds + 1):
+        cfg = TrainConfig(**train_config(out / f"run{round_}", data, tok_dir, start, args.steps, args.batch))
+        if Path(cfg.output_dir).exists():  # a rebuild starts stage 2 afresh from the new stage-1 checkpoint
+            shutil.rmtree(cfg.output_dir)
+        final = Path(train(cfg))
+        # every round ends in bf16 weights (half the bytes), as shipped: the last one is evaluated exactly as it ships
+        start = out / ("demo-model" if round_ == args.rounds else f"round{round_}")
+        if start.exists():
+            shutil.rmtree(start)
+        model = InternVLChatModel.from_pretrained(final)
+        save_pretrained(model, start, dtype=torch.bfloat16)
+        copy_tokenizer_files(tok_dir, start)
+        print(f"stage 2 round {round_}: {(time.time() - t) / 60:.0f} min so far", file=sys.stderr)
+    minutes = (time.time() - t) / 60
+    shipped = start
     results = evaluate(shipped, data / "eval.jsonl", args.eval_limit)
     info = {
-        "n_train": args.train, "n_eval": args.eval_limit or args.eval, "params": sum(p.numel() for p in model.parameters()),
-        "vocab": vocab, "steps": args.steps, "batch": args.batch, "train_minutes": minutes, "vision": vision,
+        "n_train": args.train, "n_eval": args.eval_limit or args.eval,
+        "params": sum(p.numel() for p in model.parameters()), "vocab": vocab, "steps": args.steps,
+        "rounds": args.rounds, "batch": args.batch, "train_minutes": minutes, "vision": vision,
         "machine": f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}", "eval": results,
     }
     write_card(shipped, info)
