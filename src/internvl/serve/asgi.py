@@ -196,7 +196,11 @@ class EventStream(StreamingResponse):
             async with anyio.create_task_group() as tg:
 
                 async def produce():
-                    await self.stream_response(send)
+                    nonlocal disconnected
+                    try:
+                        await self.stream_response(send)
+                    except OSError:  # the transport broke while sending (the client left): caught here, since
+                        disconnected = True  # out of the task group it would be an ExceptionGroup, not an OSError
                     tg.cancel_scope.cancel()
 
                 async def listen():
