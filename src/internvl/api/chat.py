@@ -26,6 +26,7 @@ from internvl.engine.kv_cache import block_bytes
 from internvl.engine.sampler import SamplingParams
 from internvl.generation.beam_search import beam_search
 from internvl.generation.generate import generate as reference_generate
+from internvl.generation.inputs import pad_token_id
 from internvl.generation.sampling import GenerationConfig
 from internvl.preprocessing.budget import image_token_room, max_tiles_for_budget
 from internvl.preprocessing.image import load_image
@@ -81,7 +82,7 @@ def engine_generate(
         raise ValueError(f"streaming supports one sequence at a time, got a batch of {b}")
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
     rows = [input_ids[i][mask[i].bool()].tolist() for i in range(b)]
-    pad = cfg.pad_token_id if cfg.pad_token_id is not None else (cfg.eos_token_id[0] if cfg.eos_token_id else 0)
+    pad = pad_token_id(cfg)
     if cfg.max_new_tokens == 0:
         if streamer is not None:
             streamer.put(torch.empty(1, 0, dtype=torch.long))

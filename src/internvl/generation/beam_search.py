@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import torch
 
+from internvl.generation.inputs import pad_token_id, prepare_inputs
 from internvl.generation.sampling import GenerationConfig, apply_repetition_penalty
 from internvl.model.internvl import InternVLModel
 from internvl.model.llm import KVCache
@@ -57,15 +58,9 @@ def beam_search(
         )
     if cfg.do_sample:  # GenerationConfig already refuses this; a hand-built config must not sample silently
         raise ValueError("beam sampling (do_sample=True with num_beams > 1) is not supported; use do_sample=False")
-    device = model.language_model.lm_head.weight.device
-    input_ids = input_ids.to(device)
+    device, input_ids, attention_mask, pixel_values = prepare_inputs(model, input_ids, attention_mask, pixel_values)
     b, nb, max_new = input_ids.shape[0], cfg.num_beams, cfg.max_new_tokens
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    attention_mask = attention_mask.to(device)
-    if pixel_values is not None:
-        pixel_values = pixel_values.to(device=device, dtype=model.vision_model.embeddings.patch_embedding.weight.dtype)
-    pad = cfg.pad_token_id if cfg.pad_token_id is not None else (cfg.eos_token_id[0] if cfg.eos_token_id else 0)
+    pad = pad_token_id(cfg)
     if max_new == 0:
         return torch.empty(b, 0, dtype=torch.long, device=device)
     eos = torch.tensor(cfg.eos_token_id or [-1], device=device)

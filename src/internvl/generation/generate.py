@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from internvl.generation.beam_search import beam_search
+from internvl.generation.inputs import pad_token_id, prepare_inputs
 from internvl.generation.sampling import GenerationConfig, next_tokens
 from internvl.model.internvl import InternVLModel
 from internvl.model.llm import KVCache
@@ -29,20 +30,14 @@ def generate(
     cfg = config or GenerationConfig()
     if cfg.num_beams > 1:
         return beam_search(model, input_ids, attention_mask, pixel_values, visual_features, cfg, streamer)
-    device = model.language_model.lm_head.weight.device
-    input_ids = input_ids.to(device)
+    device, input_ids, attention_mask, pixel_values = prepare_inputs(model, input_ids, attention_mask, pixel_values)
     b = input_ids.shape[0]
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    attention_mask = attention_mask.to(device)
-    if pixel_values is not None:
-        pixel_values = pixel_values.to(device=device, dtype=model.vision_model.embeddings.patch_embedding.weight.dtype)
     if streamer is not None and b != 1:
         raise ValueError(f"streaming supports one sequence at a time, got a batch of {b}")
     generator = None
     if cfg.seed is not None:
         generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    pad = cfg.pad_token_id if cfg.pad_token_id is not None else (cfg.eos_token_id[0] if cfg.eos_token_id else 0)
+    pad = pad_token_id(cfg)
     eos = torch.tensor(cfg.eos_token_id or [-1], device=device)
 
     embeds = model.embed(input_ids, pixel_values=pixel_values, visual_features=visual_features)
