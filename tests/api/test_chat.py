@@ -1,29 +1,13 @@
 """chat()/batch_chat(): prompt ids, decoding, history, streaming and batching (INTERNVL.md §8)."""
 
-import dataclasses
 import threading
 
 import pytest
 import torch
 
-from helpers_tokenizers import make_bpe_tokenizer_dir
-from internvl import InternVLChatModel, load_tokenizer
 from internvl.generation import generate as generate_mod
-from tiny import randomize_, tiny_config
 
 S3 = "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
-
-
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    return load_tokenizer(make_bpe_tokenizer_dir(tmp_path_factory.mktemp("tok")))
-
-
-@pytest.fixture(scope="module")
-def model(tok):
-    cfg = tiny_config()
-    cfg = cfg.replace(llm=dataclasses.replace(cfg.llm, vocab_size=len(tok)), image_token_id=None)
-    return randomize_(InternVLChatModel(cfg), seed=5, std=0.3).eval()
 
 
 def img_block(tiles, n=4):

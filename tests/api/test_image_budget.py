@@ -20,18 +20,6 @@ WIDE = Image.new("RGB", (560, 56), (200, 30, 30))  # aspect 10: tiles as (m, 1) 
 TALL = Image.new("RGB", (56, 336), (30, 200, 30))  # aspect 1/6
 
 
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    return load_tokenizer(make_bpe_tokenizer_dir(tmp_path_factory.mktemp("tok")))
-
-
-@pytest.fixture(scope="module")
-def model(tok):
-    cfg = tiny_config()
-    cfg = cfg.replace(llm=dataclasses.replace(cfg.llm, vocab_size=len(tok)), image_token_id=None)
-    return randomize_(InternVLChatModel(cfg), seed=5, std=0.3).eval()
-
-
 def capture(monkeypatch, tok):
     seen = []
 
